@@ -1,0 +1,1 @@
+"""Data sources (synthetic, VoiceBank-DEMAND, user folders) and preparation."""
