@@ -10,6 +10,9 @@ import click
 
 # name -> "module:attribute" of a click command
 COMMANDS = {
+    "enhance": "segan.cli_enhance:enhance_command",
+    "metrics": "segan.cli_metrics:metrics_command",
+    "check-metrics": "segan.cli_gate:check_metrics_command",
 }
 
 
