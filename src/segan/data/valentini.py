@@ -250,7 +250,10 @@ def fetch_valentini(cfg: ValentiniConfig, out_dir: Path, archive_cache: Path, pr
                 raise ArchiveError(f"{split} set: clean and noisy archives hold different files, "
                                    f"e.g. {only[:5]} ({len(only)} unmatched)")
             write_text(layout.log_path(tmp, split), logs[split])
-            entries = layout.read_log(layout.log_path(tmp, split))  # validates the format
+            try:
+                entries = layout.read_log(layout.log_path(tmp, split))  # validates the format
+            except ValueError as exc:
+                raise ArchiveError(f"{paths['logfiles.zip']}: log of the {split} set is malformed: {exc}") from None
             stems = {n.removesuffix(".wav") for n in clean}
             unlogged = sorted(stems - set(entries))
             if unlogged:
