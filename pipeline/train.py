@@ -16,7 +16,7 @@ PREPARED, MODELS, REPORTS = Path("data/prepared"), Path("data/models"), Path("re
 def main(params, args):
     nproc = params.train.nproc_per_node
     if nproc > 1 and "LOCAL_RANK" not in os.environ:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                "-m", "segan.train", "--params", str(args.params), "--prepared", str(PREPARED),
                "--out", str(MODELS), "--reports", str(REPORTS)]
         for item in args.overrides:
@@ -27,4 +27,5 @@ def main(params, args):
 
 
 if __name__ == "__main__":
-    run_stage("train", main)
+    from segan.train import TrainingDiverged
+    run_stage("train", main, user_errors=(TrainingDiverged,))

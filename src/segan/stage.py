@@ -37,7 +37,8 @@ def parse_overrides(pairs: list[str]) -> dict:
 
 
 def run_stage(name: str, body: Callable[[Params, argparse.Namespace], object],
-              configure: Callable[[argparse.ArgumentParser], None] | None = None) -> None:
+              configure: Callable[[argparse.ArgumentParser], None] | None = None,
+              user_errors: tuple[type[BaseException], ...] = ()) -> None:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("DVC_NO_ANALYTICS", "1")
     parser = argparse.ArgumentParser(prog=f"pipeline/{name}.py", description=f"DVC stage '{name}'.")
@@ -54,7 +55,7 @@ def run_stage(name: str, body: Callable[[Params, argparse.Namespace], object],
     try:
         params = load_params(args.params, parse_overrides(args.overrides))
         body(params, args)
-    except USER_ERRORS as exc:
+    except USER_ERRORS + user_errors as exc:
         log.error("%s", exc)
         sys.exit(2)
     except KeyboardInterrupt:
