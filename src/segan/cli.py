@@ -13,6 +13,7 @@ COMMANDS = {
     "enhance": "segan.cli_enhance:enhance_command",
     "metrics": "segan.cli_metrics:metrics_command",
     "check-metrics": "segan.cli_gate:check_metrics_command",
+    "preset": "segan.preset:preset_command",
 }
 
 
