@@ -719,7 +719,7 @@ def _loop(s: _Setup, st: RunState, dataset: Any, amp: torch.dtype | None, stop: 
                 z = torch.randn(s.G.z_shape(clean.shape[0], clean.shape[-1]), generator=s.z_gen).to(s.device)
                 lr_g, lr_d = s.opt_g.param_groups[0]["lr"], s.opt_d.param_groups[0]["lr"]
                 m = train_step(s.G_run, s.D_run, s.opt_g, s.opt_d, noisy, clean, s.ref, z, cfg.g_lambda,
-                               autocast_dtype=amp, max_grad_norm=None)
+                               autocast_dtype=amp, max_grad_norm=cfg.max_grad_norm or None)
                 s.sched_g.step()
                 s.sched_d.step()
                 interval_time += time.perf_counter() - t0
