@@ -32,6 +32,8 @@ def test_repro_produces_every_artifact(pipeline_repo: Path):
     assert SYSTEMS <= set(metrics)
     for system in SYSTEMS:
         assert METRICS <= set(metrics[system]), system
+    card = json.loads((root / "reports/model_card.json").read_text())
+    assert card["metrics"]["segan"]["pesq"] == metrics["segan"]["pesq"]["mean"]
 
 
 def test_second_repro_does_nothing(pipeline_repo: Path):

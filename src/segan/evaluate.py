@@ -35,6 +35,7 @@ bootstrap, deterministic.
 
 from __future__ import annotations
 
+import json
 import collections
 import logging
 import math
@@ -385,3 +386,17 @@ def _log_headline(summary: dict) -> None:
     for system in SYSTEMS:
         log.info("%-16s PESQ %s  STOI %s  CSIG %s  CBAK %s  COVL %s  SSNR %s", system,
                  *(fmt(system, m) for m in ("pesq", "stoi", "csig", "cbak", "covl", "ssnr")))
+
+
+def card_with_metrics(card_path: Path, summary: dict, out_path: Path) -> dict:
+    """The export's model card with the evaluation filled in, written to ``out_path``.
+
+    The card beside the exported files stays as the export stage wrote it (rewriting it
+    would make DVC consider the export stale); this copy is the complete card.
+    """
+    card = json.loads(Path(card_path).read_text())
+    card["metrics"] = {system: {m: v["mean"] for m, v in summary[system].items() if isinstance(v, dict)}
+                       for system in SYSTEMS if system in summary}
+    card["metrics_source"] = "reports/metrics.json (mean over the test set)"
+    write_json(out_path, card)
+    return card
