@@ -51,7 +51,6 @@ def load_mono(path: str | Path, rate: int) -> np.ndarray:
 def write_audio(path: str | Path, data: np.ndarray, rate: int, subtype: str | None = None) -> None:
     """Write atomically (temp file then rename). Format from the extension; wav defaults to PCM_16."""
     path = Path(path)
-    fmt = sf.default_subtype  # noqa: F841 - documents where the default comes from
     ext = path.suffix.lower().lstrip(".") or "wav"
     with atomic_path(path, suffix=f".{ext}") as tmp:
         sf.write(str(tmp), data, rate, subtype=subtype, format=ext.upper() if ext != "oga" else "OGG")
