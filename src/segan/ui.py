@@ -16,14 +16,7 @@ import urllib.request
 from pathlib import Path
 
 from .fsutil import repo_root
-
-
-def store_uri(root: Path | None = None) -> str:
-    """Same rule as training: $MLFLOW_TRACKING_URI, else sqlite:///<root>/mlflow.db."""
-    env = os.environ.get("MLFLOW_TRACKING_URI")
-    if env:
-        return env
-    return f"sqlite:///{(root or repo_root()) / 'mlflow.db'}"
+from .tracking import artifact_root, tracking_uri
 
 
 def free_port() -> int:
@@ -37,9 +30,13 @@ def start_ui(port: int = 0, root: Path | None = None, log_file=None) -> tuple[su
     root = root or repo_root()
     port = port or free_port()
     env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", MLFLOW_DISABLE_TELEMETRY="true")
-    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", store_uri(root),
-           "--default-artifact-root", (root / "mlartifacts").resolve().as_uri(),
+    # The same store and artifact folder the pipeline logs to (segan.tracking).
+    store = tracking_uri(root)
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", store,
            "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    artifacts = artifact_root(store)
+    if artifacts:
+        cmd += ["--default-artifact-root", artifacts]
     proc = subprocess.Popen(cmd, env=env, cwd=root, stdout=log_file or subprocess.DEVNULL,
                             stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -61,7 +58,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="MLflow UI for this project's runs (127.0.0.1 only).")
     parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", 5000)))
     args = parser.parse_args()
-    print(f"starting MLflow UI on the store {store_uri()} ...", flush=True)
+    print(f"starting MLflow UI on the store {tracking_uri()} ...", flush=True)
     proc, url = start_ui(args.port, log_file=sys.stderr)
     print(f"MLflow UI: {url}  (experiment 'segan'; Ctrl-C to stop)", flush=True)
     try:
