@@ -311,42 +311,34 @@ class Tracker:
         """Log ``data`` (float, [-1, 1]) as ``<artifact_path>/<name>`` (a 16-bit wav)."""
         if not self.active:
             return
+        from .audio import write_audio
 
-        def go() -> None:
-            from .audio import write_audio
-
-            with tempfile.TemporaryDirectory(prefix="segan-audio-") as tmp:
-                path = Path(tmp) / name
-                write_audio(path, np.clip(np.asarray(data, dtype=np.float32), -1.0, 1.0), rate)
-                self.client().log_artifact(self.run_id, str(path), artifact_path)
-
-        self._guard(f"log audio {name}", go)
+        self._log_file(name, artifact_path, f"log audio {name}",
+                       lambda path: write_audio(path, np.clip(np.asarray(data, dtype=np.float32), -1.0, 1.0), rate))
 
     def log_figure(self, fig: Any, name: str, artifact_path: str | None = None) -> None:
         """Log a matplotlib figure as ``<artifact_path>/<name>`` (PNG)."""
         if not self.active:
             return
-
-        def go() -> None:
-            with tempfile.TemporaryDirectory(prefix="segan-fig-") as tmp:
-                path = Path(tmp) / name
-                fig.savefig(path, dpi=100)
-                self.client().log_artifact(self.run_id, str(path), artifact_path)
-
-        self._guard(f"log figure {name}", go)
+        self._log_file(name, artifact_path, f"log figure {name}", lambda path: fig.savefig(path, dpi=100))
 
     def log_dict(self, obj: Any, name: str, artifact_path: str | None = None) -> None:
         """Log a JSON-serialisable object as ``<artifact_path>/<name>``."""
         if not self.active:
             return
+        self._log_file(name, artifact_path, f"log {name}",
+                       lambda path: path.write_text(json.dumps(obj, indent=2, default=str) + "\n"))
+
+    def _log_file(self, name: str, artifact_path: str | None, what: str, write: Callable[[Path], Any]) -> None:
+        """Write ``name`` into a temp folder with ``write(path)`` and log it as an artifact (guarded)."""
 
         def go() -> None:
-            with tempfile.TemporaryDirectory(prefix="segan-json-") as tmp:
+            with tempfile.TemporaryDirectory(prefix="segan-artifact-") as tmp:
                 path = Path(tmp) / name
-                path.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+                write(path)
                 self.client().log_artifact(self.run_id, str(path), artifact_path)
 
-        self._guard(f"log {name}", go)
+        self._guard(what, go)
 
 
 def open_run_from_file(path: Path) -> Tracker:
