@@ -58,14 +58,20 @@ class NetFlops:
     first: float
 
 
-def generator_flops(channels: list[int], k: int, window: int) -> NetFlops:
-    total, first, t, prev = 0.0, 0.0, window, 1
+def encoder_flops(channels: list[int], k: int, window: int, in_channels: int) -> tuple[float, float]:
+    """(total, first layer) forward FLOPs of a stack of stride-2 convolutions."""
+    total, first, t, prev = 0.0, 0.0, window, in_channels
     for i, ch in enumerate(channels):
         t //= 2
         f = 2.0 * prev * ch * k * t
         first = f if i == 0 else first
         total += f
         prev = ch
+    return total, first
+
+
+def generator_flops(channels: list[int], k: int, window: int) -> NetFlops:
+    total, first = encoder_flops(channels, k, window, in_channels=1)
     # decoder: transposed conv i takes 2*ch[i] channels at length window/2**(i+1)
     for i in reversed(range(len(channels))):
         out = channels[i - 1] if i > 0 else 1
@@ -74,14 +80,8 @@ def generator_flops(channels: list[int], k: int, window: int) -> NetFlops:
 
 
 def discriminator_flops(channels: list[int], k: int, window: int) -> NetFlops:
-    total, first, t, prev = 0.0, 0.0, window, 2
-    for i, ch in enumerate(channels):
-        t //= 2
-        f = 2.0 * prev * ch * k * t
-        first = f if i == 0 else first
-        total += f
-        prev = ch
-    total += 2.0 * prev * 1 * t  # 1x1 conv to one channel (the Linear is negligible)
+    total, first = encoder_flops(channels, k, window, in_channels=2)
+    total += 2.0 * channels[-1] * 1 * (window >> len(channels))  # 1x1 conv to one channel (the Linear is negligible)
     return NetFlops(total, first)
 
 
