@@ -198,6 +198,46 @@ def test_build_models_is_seeded_and_initialized():
     assert 0.9 < gamma.mean().item() < 1.1 and gamma.std().item() < 0.1
 
 
+def test_residual_generator_starts_as_the_identity_and_adds_a_tanh_correction():
+    cfg = dataclasses.replace(TINY, residual=True)
+    torch.manual_seed(0)
+    G, _ = build_models(cfg, window=T)
+    x = torch.rand(2, 1, T) * 2 - 1  # loud samples too: the input path has no tanh
+    z = torch.randn(*G.z_shape(2, T))
+    assert torch.equal(G(x, z), x)  # zero correction at initialisation
+    G(x, z).square().mean().backward()
+    last = G.decoder[-1].deconv
+    assert last.weight.grad is not None and last.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        last.weight.normal_(0, 0.01)
+        plain = Generator(TINY)  # same weights, paper output (tanh of the last deconv)
+        plain.load_state_dict(G.state_dict())
+        correction = plain(x, z)
+        assert correction.abs().max() > 0
+        torch.testing.assert_close(G(x, z), x + correction)
+
+
+def test_residual_enhancer_scripts_and_exports_to_onnx(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    cfg = dataclasses.replace(TINY, residual=True)
+    torch.manual_seed(0)
+    G, _ = build_models(cfg, window=T)
+    with torch.no_grad():
+        G.decoder[-1].deconv.weight.normal_(0, 0.01)
+    enh = Enhancer(G, 0.95).eval()
+    x, z = torch.randn(2, 1, T) * 0.3, torch.randn(*G.z_shape(2, T))
+    path = tmp_path / "residual.onnx"
+    torch.onnx.export(enh, (x, z), str(path), dynamo=False, opset_version=17, input_names=["noisy", "z"],
+                      output_names=["enhanced"], dynamic_axes={"noisy": {0: "batch", 2: "length"},
+                                                              "z": {0: "batch", 2: "frames"}})
+    x2, z2 = torch.randn(3, 1, 2 * T) * 0.3, torch.randn(*G.z_shape(3, 2 * T))
+    with torch.no_grad():
+        expect = enh(x2, z2)
+        torch.testing.assert_close(torch.jit.script(enh)(x2, z2), expect, atol=1e-5, rtol=1e-4)
+    got = ort.InferenceSession(str(path)).run(None, {"noisy": x2.numpy(), "z": z2.numpy()})[0]
+    np.testing.assert_allclose(got, expect.numpy(), atol=1e-5)
+
+
 # ----------------------------------------------------------------------------- emphasis / Enhancer
 def test_deemphasis_inverts_preemphasis_on_a_window():
     torch.manual_seed(0)

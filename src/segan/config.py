@@ -109,6 +109,7 @@ class ModelConfig:
     kernel_size: int = _f(31, min=1)
     preemphasis: float = _f(0.95, min=0.0, max=0.99, help="0 disables pre/de-emphasis")
     d_leaky_slope: float = _f(0.3, min=0.0, max=1.0)
+    residual: bool = _f(False, help="G output = input + tanh(last deconv): starts as the identity")
 
     def check(self, key: str) -> None:
         for name in ("g_channels", "d_channels"):

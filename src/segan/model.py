@@ -2,6 +2,8 @@
 
 * :class:`Generator` - fully convolutional encoder/decoder with skip connections and a latent
   ``z`` concatenated at the bottleneck; any input length that is a multiple of ``2**depth``.
+  With ``model.residual`` the tanh output is a correction added to the input (zero at
+  initialisation), so training starts from the identity instead of from silence.
 * :class:`Discriminator` - strided conv stack with virtual batch norm (Salimans et al., 2016)
   on ``[candidate, noisy]`` pairs; least-squares output (no sigmoid).
 * :class:`Enhancer` - raw waveform in, raw waveform out (pre-emphasis -> G -> de-emphasis),
@@ -165,7 +167,8 @@ class _DecoderBlock(nn.Module):
 
 
 class Generator(nn.Module):
-    """SEGAN generator: ``forward(x [B,1,T], z [B,C,T/2**depth]) -> [B,1,T]`` in [-1, 1].
+    """SEGAN generator: ``forward(x [B,1,T], z [B,C,T/2**depth]) -> [B,1,T]`` in [-1, 1]
+    (``x`` + a correction in [-1, 1] when ``cfg.residual``).
 
     Encoder layer ``i`` halves the length and outputs ``g_channels[i]`` channels (PReLU);
     the decoder mirrors it, each transposed conv taking the previous decoder output
@@ -180,6 +183,7 @@ class Generator(nn.Module):
         k = cfg.kernel_size
         self.depth = len(chans)
         self.z_channels = chans[-1]
+        self.residual = bool(cfg.residual)
         self.encoder = nn.ModuleList()
         prev = 1
         for ch in chans:
@@ -204,6 +208,7 @@ class Generator(nn.Module):
         return (batch, self.z_channels, length // factor)
 
     def forward(self, x: Tensor, z: Tensor) -> Tensor:
+        inp = x
         skips: list[Tensor] = []
         for block in self.encoder:
             x = block(x)
@@ -211,7 +216,12 @@ class Generator(nn.Module):
         x = torch.cat([x, z], dim=1)
         n = len(skips)
         for j, block in enumerate(self.decoder):
-            x = block(x)
+            if j == n - 1 and self.residual:
+                # the decoder predicts a tanh-bounded correction added to the input; adding it
+                # after the tanh keeps loud input samples exact (tanh(input) would compress them)
+                x = inp.float() + torch.tanh(block.deconv(x).float())  # float32: the input stays exact under bf16
+            else:
+                x = block(x)
             if j < n - 1:
                 x = torch.cat([x, skips[n - 2 - j]], dim=1)
         return x
@@ -348,6 +358,8 @@ def build_models(cfg: ModelConfig, window: int = PAPER_WINDOW) -> tuple[Generato
     generator, discriminator = Generator(cfg), Discriminator(cfg, window)
     init_weights(generator)
     init_weights(discriminator)
+    if cfg.residual:  # zero correction at the start: G begins as the identity
+        nn.init.zeros_(generator.decoder[-1].deconv.weight)
     return generator, discriminator
 
 
