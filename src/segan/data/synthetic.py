@@ -44,7 +44,7 @@ from .noise import TEST_NOISES, TRAIN_NOISES, SpeechSource, active_level, make_n
 logger = logging.getLogger(__name__)
 
 # Bump when a change alters the generated audio or metadata for the same config.
-GENERATOR_VERSION = "1"
+GENERATOR_VERSION = "2"  # 2: no white training noise
 
 # (speaker id, espeak accent, espeak variant). Test accents and variants never occur in
 # training; test-side babble talkers ("cafe") are a third, test-only group.
