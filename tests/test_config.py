@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_committed_params_load():
     params = load_params(REPO / "params.yaml")
     assert params.data.source == "synthetic"
-    assert params.train.g_lambda == 100.0
+    assert params.train.g_lambda == 1000.0 and params.model.residual
     assert params.prepare.window % 2 ** len(params.model.g_channels) == 0
 
 
