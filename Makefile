@@ -11,7 +11,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export MLFLOW_DISABLE_TELEMETRY := true
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install repro test test-fast bench ui lock clean
+.PHONY: install repro test test-fast bench ui lock ci-baseline clean
 
 install: $(STAMP)
 
@@ -35,6 +35,15 @@ bench: $(STAMP)
 
 ui: $(STAMP)
 	$(PY) -m segan.ui
+
+# Refresh the CI metrics baseline on purpose (after a change that is meant to move the CI
+# model's metrics): run the CI-size pipeline in a temp copy and keep its metrics.
+ci-baseline: $(STAMP)
+	rm -rf /tmp/segan-ci-baseline
+	-$(PY) -m pytest -q -p no:cacheprovider --basetemp=/tmp/segan-ci-baseline \
+		tests/test_pipeline_e2e.py::test_repro_produces_every_artifact
+	cp /tmp/segan-ci-baseline/pipeline0/repo/reports/metrics.json tests/data/ci_baseline_metrics.json
+	@echo "tests/data/ci_baseline_metrics.json refreshed: review the diff and commit it"
 
 # Refresh requirements.lock from a fresh resolve of pyproject.toml (deliberate upgrades only).
 lock:
