@@ -11,9 +11,9 @@ import torch.nn.functional as F
 
 from segan.audio import deemphasis as np_deemphasis
 from segan.audio import preemphasis as np_preemphasis
-from segan.config import ModelConfig
+from segan.config import ConfigError, ModelConfig
 from segan.model import (GENERATOR_FORMAT, Discriminator, Enhancer, Generator, GeneratorFileError,
-                         ReferenceStats, StridedConv1d, StridedConvTranspose1d, VirtualBatchNorm1d,
+                         ReferenceStats, StridedConv1d, StridedConvTranspose1d, UpsampleConv1d, VirtualBatchNorm1d,
                          build_models, count_parameters,
                          deemphasis_kernel, deemphasize, load_generator, preemphasize, save_generator)
 
@@ -217,9 +217,30 @@ def test_residual_generator_starts_as_the_identity_and_adds_a_tanh_correction():
         torch.testing.assert_close(G(x, z), x + correction)
 
 
-def test_residual_enhancer_scripts_and_exports_to_onnx(tmp_path):
+def test_resize_convolution_is_interpolation_then_conv_on_both_paths():
+    torch.manual_seed(0)
+    layer = UpsampleConv1d(6, 3, 31)
+    for length in (8, 40):  # 16 samples after upsampling: the matmul path; 80: the conv path
+        x = torch.randn(2, 6, length, requires_grad=True)
+        up = F.interpolate(x, scale_factor=2.0, mode="linear", align_corners=False)
+        expect = F.conv1d(up, layer.weight, layer.bias, padding=15)
+        got = layer(x)
+        assert got.shape == (2, 3, 2 * length)
+        torch.testing.assert_close(got, expect, atol=1e-5, rtol=1e-5)
+        (g1,) = torch.autograd.grad(got.sum(), x)
+        (g2,) = torch.autograd.grad(expect.sum(), x)
+        torch.testing.assert_close(g1, g2, atol=1e-5, rtol=1e-5)
+    G = Generator(dataclasses.replace(TINY, resize_layers=2))
+    kinds = [type(block.deconv).__name__ for block in G.decoder]
+    assert kinds == ["StridedConvTranspose1d", "UpsampleConv1d", "UpsampleConv1d"]
+    assert count_parameters(G) == count_parameters(Generator(TINY))
+    with pytest.raises(ConfigError, match="model.resize_layers"):
+        dataclasses.replace(TINY, resize_layers=4).check("model")
+
+
+def test_residual_resize_enhancer_scripts_and_exports_to_onnx(tmp_path):
     ort = pytest.importorskip("onnxruntime")
-    cfg = dataclasses.replace(TINY, residual=True)
+    cfg = dataclasses.replace(TINY, residual=True, resize_layers=2)
     torch.manual_seed(0)
     G, _ = build_models(cfg, window=T)
     with torch.no_grad():

@@ -110,12 +110,17 @@ class ModelConfig:
     preemphasis: float = _f(0.95, min=0.0, max=0.99, help="0 disables pre/de-emphasis")
     d_leaky_slope: float = _f(0.3, min=0.0, max=1.0)
     residual: bool = _f(False, help="G output = input + tanh(last deconv): starts as the identity")
+    resize_layers: int = _f(0, min=0, help="last N decoder layers: linear x2 interpolation + conv "
+                                            "instead of a transposed conv (0 = paper)")
 
     def check(self, key: str) -> None:
         for name in ("g_channels", "d_channels"):
             chans = getattr(self, name)
             if not chans or any(c < 1 for c in chans):
                 raise ConfigError(f"{key}.{name}: expected a non-empty list of positive ints, got {chans}")
+        if self.resize_layers > len(self.g_channels):
+            raise ConfigError(f"{key}.resize_layers: expected at most len(g_channels) = {len(self.g_channels)}, "
+                              f"got {self.resize_layers}")
         if self.kernel_size % 2 == 0:
             raise ConfigError(f"{key}.kernel_size: expected an odd number, got {self.kernel_size}")
 

@@ -127,12 +127,22 @@ def conv_transpose1d_matmul(x: Tensor, weight: Tensor, bias: Tensor | None, stri
     return y.to(x.dtype)
 
 
+def set_matmul_path(module: nn.Module, enabled: bool) -> None:
+    """Turn the short-length matmul path of every conv in ``module`` on or off (benchmarks
+    use "off" for a plain-PyTorch baseline); the results are the same either way."""
+    for m in module.modules():
+        if isinstance(m, (StridedConv1d, StridedConvTranspose1d, UpsampleConv1d)):
+            m.matmul_path = enabled
+
+
 class StridedConv1d(nn.Conv1d):
     """``nn.Conv1d`` that computes short outputs (<= MATMUL_CONV_MAX_LEN) as one matmul."""
 
+    matmul_path = True
+
     def forward(self, x: Tensor) -> Tensor:
         if not torch.jit.is_scripting():  # TorchScript compiles only the standard op below
-            if _eager_mode():
+            if self.matmul_path and _eager_mode():
                 out_len = (x.shape[-1] + 2 * self.padding[0] - self.kernel_size[0]) // self.stride[0] + 1
                 if out_len <= MATMUL_CONV_MAX_LEN:
                     return conv1d_matmul(x, self.weight, self.bias, self.stride[0], self.padding[0])
@@ -142,24 +152,51 @@ class StridedConv1d(nn.Conv1d):
 class StridedConvTranspose1d(nn.ConvTranspose1d):
     """``nn.ConvTranspose1d`` that computes short inputs (<= MATMUL_DECONV_MAX_LEN) as one matmul."""
 
+    matmul_path = True
+
     def forward(self, x: Tensor) -> Tensor:
         if not torch.jit.is_scripting():  # TorchScript compiles only the standard op below
-            if _eager_mode() and x.shape[-1] <= MATMUL_DECONV_MAX_LEN:
+            if self.matmul_path and _eager_mode() and x.shape[-1] <= MATMUL_DECONV_MAX_LEN:
                 return conv_transpose1d_matmul(x, self.weight, self.bias, self.stride[0], self.padding[0],
                                                self.output_padding[0])
         return F.conv_transpose1d(x, self.weight, self.bias, self.stride, self.padding,
                                   self.output_padding, self.groups, self.dilation)
 
 
+class UpsampleConv1d(nn.Conv1d):
+    """x2 linear interpolation then a stride-1 "same" convolution (resize-convolution).
+
+    A stride-2 transposed conv computes even and odd output samples with different halves of
+    its kernel; whenever they disagree the output carries images of its spectrum mirrored
+    about fs/4 and fs/2 (the "checkerboard" artifact of Odena et al., 2016). Interpolating
+    first gives both phases the same filter. Twice the multiply-adds of the transposed conv.
+    """
+
+    matmul_path = True
+
+    def __init__(self, in_ch: int, out_ch: int, kernel_size: int) -> None:
+        super().__init__(in_ch, out_ch, kernel_size, padding=_same_padding(kernel_size))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.interpolate(x, scale_factor=2.0, mode="linear", align_corners=False)
+        if not torch.jit.is_scripting():  # TorchScript compiles only the standard op below
+            if self.matmul_path and _eager_mode() and x.shape[-1] <= 2 * MATMUL_DECONV_MAX_LEN:
+                return conv1d_matmul(x, self.weight, self.bias, 1, self.padding[0])
+        return self._conv_forward(x, self.weight, self.bias)
+
+
 # ----------------------------------------------------------------------------- generator
 class _DecoderBlock(nn.Module):
-    """Transposed conv (x2 upsampling) followed by PReLU, or tanh for the output layer."""
+    """x2 upsampling (transposed conv, or interpolation + conv) then PReLU, or tanh for the output layer."""
 
-    def __init__(self, in_ch: int, out_ch: int, kernel_size: int, last: bool) -> None:
+    def __init__(self, in_ch: int, out_ch: int, kernel_size: int, last: bool, resize: bool = False) -> None:
         super().__init__()
-        # output_padding=1 makes the output exactly twice the input length for odd kernels.
-        self.deconv = StridedConvTranspose1d(in_ch, out_ch, kernel_size, stride=2,
-                                             padding=_same_padding(kernel_size), output_padding=1)
+        if resize:
+            self.deconv: nn.Module = UpsampleConv1d(in_ch, out_ch, kernel_size)
+        else:
+            # output_padding=1 makes the output exactly twice the input length for odd kernels.
+            self.deconv = StridedConvTranspose1d(in_ch, out_ch, kernel_size, stride=2,
+                                                 padding=_same_padding(kernel_size), output_padding=1)
         self.act: nn.Module = nn.Tanh() if last else nn.PReLU(out_ch)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -195,7 +232,7 @@ class Generator(nn.Module):
         self.decoder = nn.ModuleList()
         for i in reversed(range(self.depth)):
             out_ch = chans[i - 1] if i > 0 else 1
-            self.decoder.append(_DecoderBlock(2 * chans[i], out_ch, k, last=(i == 0)))
+            self.decoder.append(_DecoderBlock(2 * chans[i], out_ch, k, last=(i == 0), resize=i < cfg.resize_layers))
 
     def z_shape(self, batch: int, length: int) -> tuple[int, int, int]:
         """Shape of the latent for ``batch`` inputs of ``length`` samples (validated)."""
