@@ -6,6 +6,10 @@ reference moments reused, no D weight gradients in the G update) and, in the sam
 interleaved step by step (so background load hits both alike), the seed's literal
 :func:`segan.step.baseline_step`, for:
 
+A second baseline, ``baseline_plain``, runs the seed's step on the same model with PyTorch's
+standard convolution kernels only (no short-length matmul path): what a straightforward
+re-implementation gets end to end. Both are timed for:
+
 * the paper-size model (Pascual et al. 2017, channels 16..1024) at batch 4 and 16,
 * a smaller CPU model (default: half the paper's width at every layer),
 
@@ -39,7 +43,7 @@ import torch
 
 from segan.config import PAPER_CHANNELS, ModelConfig
 from segan.fsutil import write_json
-from segan.model import MATMUL_CONV_MAX_LEN, MATMUL_DECONV_MAX_LEN, build_models, count_parameters
+from segan.model import MATMUL_CONV_MAX_LEN, MATMUL_DECONV_MAX_LEN, build_models, count_parameters, set_matmul_path
 from segan.step import baseline_step, reset_reference_cache, train_step
 
 HALF_CHANNELS = [max(1, c // 2) for c in PAPER_CHANNELS]
@@ -89,7 +93,7 @@ def step_flops(g: NetFlops, d: NetFlops, batch: int, ref: int, variant: str) -> 
     """Convolution FLOPs of one step of ``variant`` (steady state)."""
     d_wgrad, d_igrad = d.forward, d.forward - d.first      # D's first layer input is data
     g_wgrad, g_igrad = g.forward, g.forward - g.first      # G's first layer input is data
-    if variant == "baseline":
+    if variant.startswith("baseline"):
         d_update = 2 * ref * d.forward + 2 * batch * (d.forward + d_wgrad + d_igrad) + batch * g.forward
         g_update = (ref * d.forward + batch * (d.forward + d_wgrad + d.forward)
                     + batch * (g.forward + g_wgrad + g_igrad))
@@ -135,10 +139,13 @@ def bench_config(name: str, cfg: ModelConfig, batch: int, ref_batch: int, window
         # would change D and void the reference moments the optimized step left for its next one
         torch.manual_seed(seed)
         G, D = build_models(cfg, window)
+        if variant == "baseline_plain":  # the same model on PyTorch's standard conv kernels only
+            set_matmul_path(G, False)
+            set_matmul_path(D, False)
         params.update(g_params=count_parameters(G), d_params=count_parameters(D))
         opt_g, opt_d = make_optimizers(G, D, optimizer)
         z = torch.randn(*G.z_shape(batch, window), generator=gen)
-        step = baseline_step if variant == "baseline" else train_step
+        step = baseline_step if variant.startswith("baseline") else train_step
 
         def run() -> dict:
             if variant == "optimized_nocache":
@@ -179,6 +186,12 @@ def bench_config(name: str, cfg: ModelConfig, batch: int, ref_batch: int, window
                 r = out["variants"][v]
                 r["speedup_vs_baseline"] = round(r["windows_per_s"] / base["windows_per_s"], 3)
                 r["cpu_speedup_vs_baseline"] = round(r["windows_per_cpu_s"] / base["windows_per_cpu_s"], 3)
+    if "baseline_plain" in times:  # the seed's step on a plain-PyTorch model: the end-to-end gain
+        plain = out["variants"]["baseline_plain"]
+        for v in variants:
+            if v != "baseline_plain":
+                r = out["variants"][v]
+                r["speedup_vs_plain_baseline"] = round(r["windows_per_s"] / plain["windows_per_s"], 3)
     del fns
     return out
 
@@ -275,7 +288,7 @@ def main(argv: list[str] | None = None) -> dict:
     plan = [("paper", paper, b) for b in batches] + ([] if args.no_cpu_model else [("cpu", small, args.cpu_batch)])
     for name, cfg, batch in plan:
         for precision in args.precisions:
-            variants = ["optimized", "baseline"]
+            variants = ["optimized", "baseline"] + (["baseline_plain"] if name == "paper" else [])
             if name == "paper" and batch == min(batches) and precision == "fp32" and not args.quick:
                 variants.append("optimized_nocache")  # how much the reference-moment reuse gives
             log(f"{name} batch {batch} {precision}: {', '.join(variants)} ...")
@@ -284,7 +297,9 @@ def main(argv: list[str] | None = None) -> dict:
                 log(f"  {v:18s} {r['windows_per_s']:7.2f} windows/s  {r['gflops']:6.1f} GFLOP/s  "
                     f"{r['windows_per_cpu_s']:6.2f} windows/cpu-s"
                     + (f"  x{r['speedup_vs_baseline']:.2f} (cpu x{r['cpu_speedup_vs_baseline']:.2f}) vs baseline"
-                       if "speedup_vs_baseline" in r else ""))
+                       if "speedup_vs_baseline" in r else "")
+                    + (f"  x{r['speedup_vs_plain_baseline']:.2f} vs plain baseline"
+                       if "speedup_vs_plain_baseline" in r else ""))
             for v, r in res["variants"].items():
                 peak = result["matmul"][f"{precision}_{args.matmul_n}"]
                 r["fraction_of_matmul"] = round(r["gflops"] / peak, 3)
