@@ -14,7 +14,7 @@ from segan.audio import preemphasis as np_preemphasis
 from segan.config import ConfigError, ModelConfig
 from segan.model import (GENERATOR_FORMAT, Discriminator, Enhancer, Generator, GeneratorFileError,
                          ReferenceStats, StridedConv1d, StridedConvTranspose1d, UpsampleConv1d, VirtualBatchNorm1d,
-                         build_models, count_parameters,
+                         build_models, count_parameters, set_matmul_path,
                          deemphasis_kernel, deemphasize, load_generator, preemphasize, save_generator)
 
 TINY = ModelConfig(g_channels=[4, 8, 8], d_channels=[4, 8, 8], kernel_size=31, preemphasis=0.95)
@@ -234,6 +234,12 @@ def test_resize_convolution_is_interpolation_then_conv_on_both_paths():
     kinds = [type(block.deconv).__name__ for block in G.decoder]
     assert kinds == ["StridedConvTranspose1d", "UpsampleConv1d", "UpsampleConv1d"]
     assert count_parameters(G) == count_parameters(Generator(TINY))
+    x, z = torch.randn(2, 1, T), torch.randn(*G.z_shape(2, T))
+    with torch.no_grad():
+        fast = G(x, z)
+        set_matmul_path(G, False)  # the standard kernels everywhere: same function
+        assert all(not m.matmul_path for m in G.modules() if hasattr(type(m), "matmul_path"))
+        torch.testing.assert_close(G(x, z), fast, atol=1e-5, rtol=1e-5)
     with pytest.raises(ConfigError, match="model.resize_layers"):
         dataclasses.replace(TINY, resize_layers=4).check("model")
 
