@@ -40,7 +40,7 @@ ui: $(STAMP)
 # model's metrics): run the CI-size pipeline in a temp copy and keep its metrics.
 ci-baseline: $(STAMP)
 	rm -rf /tmp/segan-ci-baseline
-	-$(PY) -m pytest -q -p no:cacheprovider --basetemp=/tmp/segan-ci-baseline \
+	$(PY) -m pytest -q -p no:cacheprovider --basetemp=/tmp/segan-ci-baseline \
 		tests/test_pipeline_e2e.py::test_repro_produces_every_artifact
 	cp /tmp/segan-ci-baseline/pipeline0/repo/reports/metrics.json tests/data/ci_baseline_metrics.json
 	@echo "tests/data/ci_baseline_metrics.json refreshed: review the diff and commit it"
