@@ -131,7 +131,7 @@ def set_matmul_path(module: nn.Module, enabled: bool) -> None:
     """Turn the short-length matmul path of every conv in ``module`` on or off (benchmarks
     use "off" for a plain-PyTorch baseline); the results are the same either way."""
     for m in module.modules():
-        if hasattr(type(m), "matmul_path"):  # every conv class below that has the path declares it
+        if isinstance(m, (StridedConv1d, StridedConvTranspose1d, UpsampleConv1d)):
             m.matmul_path = enabled
 
 
