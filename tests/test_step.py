@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from segan.config import ModelConfig
-from segan.losses import d_loss_terms, g_loss_terms
+from segan.losses import STFT_RESOLUTIONS, d_loss_terms, g_loss_terms, stft_loss
 from segan.model import Discriminator, build_models
 from segan.step import STEP_METRICS, baseline_step, reset_reference_cache, train_step
 
@@ -64,15 +64,61 @@ def test_g_loss_terms_hand_computed():
     d_gen = torch.tensor([[0.0], [0.5]])
     generated = torch.tensor([[[0.1, -0.2]], [[0.3, 0.0]]])
     clean = torch.tensor([[[0.0, 0.0]], [[0.0, 0.4]]])
-    adv, l1, total = g_loss_terms(d_gen, generated, clean, g_lambda=100.0)
+    adv, l1, spectral, total = g_loss_terms(d_gen, generated, clean, g_lambda=100.0)
     assert adv.item() == pytest.approx(0.3125)           # 0.5 * (1 + 0.25) / 2
     assert l1.item() == pytest.approx(0.25)              # (0.1 + 0.2 + 0.3 + 0.4) / 4
+    assert spectral.item() == 0.0                        # stft_lambda 0: the seed's loss
     assert total.item() == pytest.approx(25.3125)        # 0.3125 + 100 * 0.25
+
+
+def _hand_stft_loss(generated, clean):
+    """The same loss written frame by frame with numpy (reference for the batched version)."""
+    import numpy as np
+    g, c = generated.double().numpy().reshape(-1, generated.shape[-1]), clean.double().numpy().reshape(-1, clean.shape[-1])
+    total = 0.0
+    for n_fft, hop, win in STFT_RESOLUTIONS:
+        window = np.hanning(win + 1)[:-1]  # periodic Hann, as torch.hann_window
+        frames = range(0, g.shape[1] - win + 1, hop)
+        mag = lambda x: np.sqrt(np.maximum(np.abs(np.stack(
+            [np.fft.rfft(x[:, s:s + win] * window, n=n_fft, axis=1) for s in frames], 1)) ** 2, 1e-7))
+        mg, mc = mag(g), mag(c)
+        total += np.linalg.norm(mc - mg) / np.linalg.norm(mc) + np.abs(np.log(mc) - np.log(mg)).mean()
+    return total / len(STFT_RESOLUTIONS)
+
+
+def test_stft_loss_against_a_frame_by_frame_reference():
+    gen = torch.Generator().manual_seed(0)
+    clean = 0.1 * torch.randn(2, 1, 4000, generator=gen)
+    generated = clean + 0.03 * torch.randn(2, 1, 4000, generator=gen)
+    assert stft_loss(generated, clean).item() == pytest.approx(_hand_stft_loss(generated, clean), rel=1e-4)
+    assert stft_loss(clean, clean).item() == 0.0
+
+
+def test_stft_loss_is_finite_on_silence_and_short_signals():
+    silence = torch.zeros(2, 1, 256, requires_grad=True)  # shorter than every STFT window
+    loss = stft_loss(silence, torch.zeros(2, 1, 256))
+    loss.backward()
+    assert loss.item() == 0.0 and torch.isfinite(silence.grad).all()
+    loss = stft_loss(0.1 * torch.ones(1, 1, 256), torch.zeros(1, 1, 256))
+    assert math.isfinite(loss.item()) and loss.item() > 0
+
+
+def test_stft_term_adds_to_the_generator_loss():
+    gen = torch.Generator().manual_seed(0)
+    clean = 0.1 * torch.randn(2, 1, 2048, generator=gen)
+    generated = clean + 0.05 * torch.randn(2, 1, 2048, generator=gen)
+    d_gen = torch.tensor([[0.2], [0.7]])
+    adv, l1, spectral, total = g_loss_terms(d_gen, generated, clean, g_lambda=100.0, stft_lambda=10.0)
+    assert spectral.item() == pytest.approx(stft_loss(generated, clean).item())
+    assert spectral.item() > 0
+    assert total.item() == pytest.approx(adv.item() + 100.0 * l1.item() + 10.0 * spectral.item(), rel=1e-6)
 
 
 def test_losses_are_float32_under_bf16_inputs():
     d = torch.tensor([[0.5], [1.5]], dtype=torch.bfloat16)
     assert all(t.dtype == torch.float32 for t in d_loss_terms(d, d))
+    x = torch.randn(2, 1, 1024, dtype=torch.bfloat16)
+    assert all(t.dtype == torch.float32 for t in g_loss_terms(d, x, x.float() * 0.5, 100.0, stft_lambda=1.0))
 
 
 # ----------------------------------------------------------------------------- train_step
@@ -99,6 +145,19 @@ def test_train_step_metrics_and_both_networks_change():
     for before, after in ((G0, G), (D0, D)):
         changed = [not torch.equal(a, b) for a, b in zip(before.parameters(), after.parameters())]
         assert all(changed), "every parameter of both networks should move after one Adam step"
+
+
+def test_train_step_with_the_stft_term():
+    G, D, opt_g, opt_d = make_setup()
+    noisy, clean, ref, (z,) = make_batch()
+    G0 = copy.deepcopy(G)
+    out = train_step(G, D, opt_g, opt_d, noisy, clean, ref, z, g_lambda=100.0, stft_lambda=5.0)
+    with torch.no_grad():
+        expected = stft_loss(G0(noisy, z), clean).item()
+    assert out["g_stft"] == pytest.approx(expected, rel=1e-5) and expected > 0
+    assert out["g_loss"] == pytest.approx(out["g_adv"] + 100.0 * out["g_l1"] + 5.0 * out["g_stft"], rel=1e-6)
+    plain = train_step(*make_setup(), noisy, clean, ref, z, g_lambda=100.0)
+    assert plain["g_stft"] == 0.0
 
 
 @pytest.mark.parametrize("fused", [None, True], ids=["adam", "fused-adam"])

@@ -139,6 +139,8 @@ class TrainConfig:
     betas: list[float] = _f(default_factory=lambda: [0.5, 0.999])
     lr_schedule: Literal["constant", "cosine"] = "constant"
     g_lambda: float = _f(100.0, min=0.0, help="weight of the L1 term in the generator loss")
+    stft_lambda: float = _f(0.0, min=0.0, help="weight of a multi-resolution STFT term in the generator "
+                                                 "loss; 0 = the seed's loss")
     max_grad_norm: float = _f(0.0, min=0.0, help="clip each network's gradient norm; 0 = no clipping")
     batch_size: int = _f(16, min=1)
     ref_batch_size: int = _f(16, min=1, help="virtual batch norm reference batch size")

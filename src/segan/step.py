@@ -45,7 +45,7 @@ from .model import Discriminator, ReferenceStats, unwrap_model
 __all__ = ["train_step", "baseline_step", "reset_reference_cache", "STEP_METRICS"]
 
 STEP_METRICS = ("d_real", "d_fake", "clean_loss", "noisy_loss", "d_loss",
-                "g_adv", "g_l1", "g_loss", "g_grad_norm", "d_grad_norm")
+                "g_adv", "g_l1", "g_stft", "g_loss", "g_grad_norm", "d_grad_norm")
 
 
 # ----------------------------------------------------------------------------- reference cache
@@ -129,8 +129,9 @@ def _check_inputs(noisy: Tensor, clean: Tensor, ref: Tensor, z: Tensor) -> None:
 def _metrics(d_real: Tensor, d_fake: Tensor, d_terms: tuple, g_terms: tuple,
              g_norm: float, d_norm: float) -> dict[str, float]:
     clean_loss, noisy_loss, d_loss = d_terms
-    g_adv, g_l1, g_loss = g_terms
-    values = (d_real.float().mean(), d_fake.float().mean(), clean_loss, noisy_loss, d_loss, g_adv, g_l1, g_loss)
+    g_adv, g_l1, g_stft, g_loss = g_terms
+    values = (d_real.float().mean(), d_fake.float().mean(), clean_loss, noisy_loss, d_loss,
+              g_adv, g_l1, g_stft, g_loss)
     out = {name: float(v.detach()) for name, v in zip(STEP_METRICS, values)}
     out["g_grad_norm"], out["d_grad_norm"] = g_norm, d_norm
     return out
@@ -140,14 +141,15 @@ def _metrics(d_real: Tensor, d_fake: Tensor, d_terms: tuple, g_terms: tuple,
 def train_step(G: nn.Module, D: nn.Module, opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer,
                noisy: Tensor, clean: Tensor, ref: Tensor, z: Tensor, g_lambda: float,
                autocast_dtype: torch.dtype | None = None, max_grad_norm: float | None = None,
-               ) -> dict[str, float]:
+               stft_lambda: float = 0.0) -> dict[str, float]:
     """One D update then one G update (one G forward); returns the float metrics ``STEP_METRICS``.
 
     ``noisy``/``clean``: pre-emphasized ``[B, 1, T]``; ``ref``: pre-emphasized reference pairs
     ``[R, 2, T]`` (keep passing the same tensor object to benefit from the moment cache);
     ``z``: ``[B, C, T/2**depth]``. ``autocast_dtype`` (e.g. ``torch.bfloat16``) runs the
-    forwards under ``torch.autocast``; ``max_grad_norm`` clips each network's gradients.
-    Grad norms are reported before clipping.
+    forwards under ``torch.autocast``; ``max_grad_norm`` clips each network's gradients;
+    ``stft_lambda`` weighs the optional multi-resolution STFT term of the G loss (0 = the
+    seed's loss). Grad norms are reported before clipping.
     """
     _check_inputs(noisy, clean, ref, z)
     disc = unwrap_model(D)
@@ -177,8 +179,8 @@ def train_step(G: nn.Module, D: nn.Module, opt_g: torch.optim.Optimizer, opt_d: 
         with _autocast(device_type, autocast_dtype):
             stats = _reference_stats(disc, ref)  # also serves the next step's D update
             d_gen = d_plain(_pair(generated, noisy), stats)
-        g_terms = g_loss_terms(d_gen, generated, clean, g_lambda)
-        g_terms[2].backward()
+        g_terms = g_loss_terms(d_gen, generated, clean, g_lambda, stft_lambda)
+        g_terms[-1].backward()  # g_loss
     g_norm = _grad_norm(unwrap_model(G), max_grad_norm)
     opt_g.step()
     return _metrics(d_real, d_fake, d_terms, g_terms, g_norm, d_norm)
@@ -221,4 +223,5 @@ def baseline_step(G: nn.Module, D: nn.Module, opt_g: torch.optim.Optimizer, opt_
     g_loss.backward()
     g_norm = _grad_norm(unwrap_model(G), max_grad_norm)
     opt_g.step()
-    return _metrics(d_real, d_fake, (clean_loss, noisy_loss, d_loss), (g_adv, g_l1, g_loss), g_norm, d_norm)
+    g_stft = g_l1.new_zeros(())  # the seed has no STFT term
+    return _metrics(d_real, d_fake, (clean_loss, noisy_loss, d_loss), (g_adv, g_l1, g_stft, g_loss), g_norm, d_norm)

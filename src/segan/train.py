@@ -67,12 +67,12 @@ GENERATOR_FILE = "generator.pt"
 LOSSES_CSV = "train_losses.csv"
 LOSSES_PNG = "train_losses.png"
 
-LOG_COLUMNS = ("step", "epoch", "d_real", "d_fake", "d_loss", "g_adv", "g_l1", "g_loss", "lr_g", "lr_d",
+LOG_COLUMNS = ("step", "epoch", "d_real", "d_fake", "d_loss", "g_adv", "g_l1", "g_stft", "g_loss", "lr_g", "lr_d",
                "g_grad_norm", "d_grad_norm", "windows_per_s")
 # values averaged over each log interval (the rest are instantaneous)
-AVERAGED = ("d_real", "d_fake", "d_loss", "g_adv", "g_l1", "g_loss", "g_grad_norm", "d_grad_norm")
+AVERAGED = ("d_real", "d_fake", "d_loss", "g_adv", "g_l1", "g_stft", "g_loss", "g_grad_norm", "d_grad_norm")
 # checked every step, losses first so the error names the loss that blew up
-GUARDED = ("d_real", "d_fake", "clean_loss", "noisy_loss", "d_loss", "g_adv", "g_l1", "g_loss",
+GUARDED = ("d_real", "d_fake", "clean_loss", "noisy_loss", "d_loss", "g_adv", "g_l1", "g_stft", "g_loss",
            "g_grad_norm", "d_grad_norm")
 
 # keys that change how a run is executed or reported, never the weights it produces
@@ -369,17 +369,19 @@ def write_losses_csv(path: Path, history: dict[str, list]) -> None:
 
 
 def plot_losses(path: Path, history: dict[str, list]) -> None:
-    """Discriminator, adversarial and L1 losses against the step (PNG, matplotlib Agg)."""
+    """Discriminator, adversarial, L1 and STFT losses against the step (PNG, matplotlib Agg)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     steps = history["step"]
-    fig, axes = plt.subplots(3, 1, figsize=(8, 8), sharex=True)
+    fig, axes = plt.subplots(4, 1, figsize=(8, 10), sharex=True)
     for ax, keys, title in ((axes[0], ("d_loss", "d_real", "d_fake"), "discriminator"),
                             (axes[1], ("g_adv",), "generator: adversarial"),
-                            (axes[2], ("g_l1",), "generator: L1 (before x g_lambda)")):
+                            (axes[2], ("g_l1",), "generator: L1 (before x g_lambda)"),
+                            (axes[3], ("g_stft",), "generator: multi-resolution STFT "
+                                                   "(before x stft_lambda; 0 when off)")):
         for key in keys:
             ax.plot(steps, history[key], label=key, linewidth=1)
         ax.set_title(title, fontsize=10)
@@ -719,7 +721,8 @@ def _loop(s: _Setup, st: RunState, dataset: Any, amp: torch.dtype | None, stop: 
                 z = torch.randn(s.G.z_shape(clean.shape[0], clean.shape[-1]), generator=s.z_gen).to(s.device)
                 lr_g, lr_d = s.opt_g.param_groups[0]["lr"], s.opt_d.param_groups[0]["lr"]
                 m = train_step(s.G_run, s.D_run, s.opt_g, s.opt_d, noisy, clean, s.ref, z, cfg.g_lambda,
-                               autocast_dtype=amp, max_grad_norm=cfg.max_grad_norm or None)
+                               autocast_dtype=amp, max_grad_norm=cfg.max_grad_norm or None,
+                               stft_lambda=cfg.stft_lambda)
                 s.sched_g.step()
                 s.sched_d.step()
                 interval_time += time.perf_counter() - t0
@@ -743,7 +746,7 @@ def _loop(s: _Setup, st: RunState, dataset: Any, amp: torch.dtype | None, stop: 
                 bar.update(1)
                 if bar.n % 5 == 0 or st.step == s.total:
                     bar.set_postfix(d_loss=f"{m['d_loss']:.3f}", g_adv=f"{m['g_adv']:.3f}",
-                                    g_l1=f"{m['g_l1']:.3f}",
+                                    g_l1=f"{m['g_l1']:.4f}", g_stft=f"{m['g_stft']:.3f}",
                                     win_s=f"{windows_per_step * interval_steps / max(interval_time, 1e-9):.1f}",
                                     refresh=False)
                 on_grid = st.step % cfg.log_every == 0
