@@ -219,17 +219,20 @@ def test_residual_generator_starts_as_the_identity_and_adds_a_tanh_correction():
 
 def test_resize_convolution_is_interpolation_then_conv_on_both_paths():
     torch.manual_seed(0)
-    layer = UpsampleConv1d(6, 3, 31)
-    for length in (8, 40):  # 16 samples after upsampling: the matmul path; 80: the conv path
+    # 16 samples after upsampling: the matmul path; 80: oneDNN's conv, or for one output
+    # channel (the generator's output layer) the single-output matmul path
+    for out_ch, length in ((3, 8), (3, 40), (1, 40), (1, 301)):
+        layer = UpsampleConv1d(6, out_ch, 31)
         x = torch.randn(2, 6, length, requires_grad=True)
         up = F.interpolate(x, scale_factor=2.0, mode="linear", align_corners=False)
         expect = F.conv1d(up, layer.weight, layer.bias, padding=15)
         got = layer(x)
-        assert got.shape == (2, 3, 2 * length)
+        assert got.shape == (2, out_ch, 2 * length)
         torch.testing.assert_close(got, expect, atol=1e-5, rtol=1e-5)
-        (g1,) = torch.autograd.grad(got.sum(), x)
-        (g2,) = torch.autograd.grad(expect.sum(), x)
-        torch.testing.assert_close(g1, g2, atol=1e-5, rtol=1e-5)
+        g = torch.randn_like(expect)
+        for got_grad, expect_grad in zip(torch.autograd.grad(got, (x, layer.weight, layer.bias), g),
+                                         torch.autograd.grad(expect, (x, layer.weight, layer.bias), g)):
+            torch.testing.assert_close(got_grad, expect_grad, atol=1e-4, rtol=1e-5)
     G = Generator(dataclasses.replace(TINY, resize_layers=2))
     kinds = [type(block.deconv).__name__ for block in G.decoder]
     assert kinds == ["StridedConvTranspose1d", "UpsampleConv1d", "UpsampleConv1d"]
