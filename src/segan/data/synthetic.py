@@ -6,9 +6,11 @@ tested without downloading anything:
 
 * 8 training voices (4 accents x male/female variants) and 2 test voices whose accents and
   variants never occur in training (unseen speakers, as in the real test set);
-* 5 training noise types and 4 *different* test noise types (:mod:`segan.data.noise`);
+* 4 training noise types and 4 *different* test noise types (:mod:`segan.data.noise`);
 * training SNRs 15/10/5/0 dB and test SNRs 17.5/12.5/7.5/2.5 dB (``cfg.*_snrs``), measured
   on the P.56 active speech level against the mean noise power;
+* the clean speech carries a white recording noise floor 45-55 dB below its active level
+  (:data:`FLOOR_DB`), as real recordings do;
 * if a mixture would exceed 0.99 full scale, clean and noisy are scaled down together.
 
 Every random choice comes from a generator seeded by ``(seed, split, utterance index)``,
@@ -44,7 +46,7 @@ from .noise import TEST_NOISES, TRAIN_NOISES, SpeechSource, active_level, make_n
 logger = logging.getLogger(__name__)
 
 # Bump when a change alters the generated audio or metadata for the same config.
-GENERATOR_VERSION = "2"  # 2: no white training noise
+GENERATOR_VERSION = "3"  # 2: no white training noise; 3: recording noise floor in clean
 
 # (speaker id, espeak accent, espeak variant). Test accents and variants never occur in
 # training; test-side babble talkers ("cafe") are a third, test-only group.
@@ -68,6 +70,12 @@ POOL_PER_VOICE = 4  # background utterances per babble voice
 
 PAD_S = (0.1, 0.3)  # leading/trailing silence added to each utterance
 LEVEL_DB = (-30.0, -22.0)  # clean active speech level, dB re full scale (before any peak rescale)
+# Recording noise floor of the clean speech, dB re its active level (white: microphone and
+# preamp self-noise). espeak writes exact digital zeros between and around words; no real
+# recording has them, and they break the composite measures: LPC of an all-zero reference
+# frame is degenerate, so LLR scored ~13-18 per silent frame (14% of the frames) and those
+# frames, not the speech, decided CSIG and COVL.
+FLOOR_DB = (-55.0, -45.0)
 
 
 class SyntheticDataError(RuntimeError):
@@ -244,8 +252,8 @@ def _write_wav(path: Path, pcm: np.ndarray, rate: int) -> None:
 def _render(job: _Job) -> dict:
     """Synthesize, level, pad and mix one utterance; write its clean and noisy wavs."""
     try:
-        voice_rng, level_rng, noise_rng = (np.random.default_rng(s)
-                                           for s in np.random.SeedSequence(list(job.entropy)).spawn(3))
+        voice_rng, level_rng, noise_rng, floor_rng = (
+            np.random.default_rng(s) for s in np.random.SeedSequence(list(job.entropy)).spawn(4))
         rate = job.sample_rate
         speech = _speak(job.text, job.speaker, job.rate_wpm, int(voice_rng.integers(2 ** 31)), rate)
         speech = speech.astype(np.float64)
@@ -255,6 +263,8 @@ def _render(job: _Job) -> dict:
         speech *= np.sqrt(10 ** (level_rng.uniform(*LEVEL_DB) / 10) / level)
         lead, trail = (int(level_rng.uniform(*PAD_S) * rate) for _ in range(2))
         clean = np.concatenate([np.zeros(lead), speech, np.zeros(trail)])
+        floor_gain = np.sqrt(10 ** (floor_rng.uniform(*FLOOR_DB) / 10) * active_level(clean, rate))
+        clean += floor_gain * floor_rng.standard_normal(len(clean))
         noise = make_noise(job.noise, len(clean), rate, noise_rng, _talker_source(job))
         mix = mix_at_snr(clean, noise, job.snr, rate)
         root = Path(job.root)
