@@ -18,6 +18,7 @@ def test_committed_params_load():
     params = load_params(REPO / "params.yaml")
     assert params.data.source == "synthetic"
     assert params.train.g_lambda == 1000.0 and params.model.residual
+    assert params.train.stft_lambda > 0 and params.model.kernel_size == 15
     assert params.prepare.window % 2 ** len(params.model.g_channels) == 0
 
 
@@ -66,6 +67,9 @@ def test_paper_preset_prints_valid_overrides():
     params = load_params(REPO / "params.yaml", overrides)
     assert params.data.source == "valentini" and params.train.optimizer == "rmsprop"
     assert params.model.g_channels[-1] == 1024 and params.train.epochs == 86
+    # the paper's architecture and the seed's loss
+    assert params.model.kernel_size == 31 and params.model.resize_layers == 0 and not params.model.residual
+    assert params.train.stft_lambda == 0.0 and params.train.g_lambda == 100.0
 
 
 def test_preset_write_and_bad_preset(tmp_path):
