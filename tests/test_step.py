@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import gc
 import math
 import socket
 
@@ -289,6 +290,7 @@ def test_train_step_with_ddp_wrapped_models_matches_plain_models():
     for z in zs:
         train_step(G, D, opt_g, opt_d, noisy, clean, ref, z, g_lambda=100.0)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    ddp_g = ddp_d = None
     try:
         G2, D2, opt_g2, opt_d2 = make_setup()
         ddp_g = torch.nn.parallel.DistributedDataParallel(G2)
@@ -296,5 +298,10 @@ def test_train_step_with_ddp_wrapped_models_matches_plain_models():
         for z in zs:
             train_step(ddp_g, ddp_d, opt_g2, opt_d2, noisy, clean, ref, z, g_lambda=100.0)
     finally:
+        # Free the DDP reducers (they hold the process group) before destroying the group: a
+        # reducer freed afterwards destroys the gloo group once its store is gone, and the
+        # destructor can then wait forever on its worker threads (seen once in CI-like runs).
+        del ddp_g, ddp_d
+        gc.collect()
         dist.destroy_process_group()
     assert_same_params(params(G, D), params(G2, D2))
