@@ -30,7 +30,8 @@ def _magnitude(x: Tensor, n_fft: int, hop: int, win: int) -> Tensor:
     """|rfft| of Hann-windowed frames ``[B, frames, n_fft/2+1]`` (no centre padding).
 
     Framing with ``unfold`` + ``rfft`` instead of ``torch.stft``: same magnitudes up to the
-    frame alignment, and its backward is 2-4x faster on CPU (measured in torch 2.13).
+    frame alignment, and over the three resolutions its backward takes about half the time
+    of ``torch.stft``'s on CPU (53 vs 110 ms for 16 x 16384 samples, torch 2.13).
     """
     if x.shape[-1] < win:  # shorter than one frame: one zero-padded frame
         x = torch.nn.functional.pad(x, (0, win - x.shape[-1]))
