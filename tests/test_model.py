@@ -11,11 +11,13 @@ import torch.nn.functional as F
 
 from segan.audio import deemphasis as np_deemphasis
 from segan.audio import preemphasis as np_preemphasis
+from segan import model as model_module
 from segan.config import ConfigError, ModelConfig
-from segan.model import (GENERATOR_FORMAT, Discriminator, Enhancer, Generator, GeneratorFileError,
+from segan.model import (MATMUL_MAX_LEN, POLYPHASE_MIN_CHANNELS, POLYPHASE_MIN_LEN, GENERATOR_FORMAT, Discriminator, Enhancer, Generator, GeneratorFileError,
                          ReferenceStats, StridedConv1d, StridedConvTranspose1d, UpsampleConv1d, VirtualBatchNorm1d,
-                         build_models, count_parameters, set_matmul_path,
-                         deemphasis_kernel, deemphasize, load_generator, preemphasize, save_generator)
+                         build_models, conv1d_stride2_polyphase, count_parameters, set_fast_paths,
+                         deemphasis_kernel, deemphasize, load_generator, matmul_max_len, preemphasize,
+                         save_generator)
 
 TINY = ModelConfig(g_channels=[4, 8, 8], d_channels=[4, 8, 8], kernel_size=31, preemphasis=0.95)
 T = 256  # multiple of 2**3
@@ -240,8 +242,8 @@ def test_resize_convolution_is_interpolation_then_conv_on_both_paths():
     x, z = torch.randn(2, 1, T), torch.randn(*G.z_shape(2, T))
     with torch.no_grad():
         fast = G(x, z)
-        set_matmul_path(G, False)  # the standard kernels everywhere: same function
-        assert all(not m.matmul_path for m in G.modules() if hasattr(type(m), "matmul_path"))
+        set_fast_paths(G, False)  # the standard kernels everywhere: same function
+        assert all(not m.fast_paths for m in G.modules() if hasattr(type(m), "fast_paths"))
         torch.testing.assert_close(G(x, z), fast, atol=1e-5, rtol=1e-5)
     with pytest.raises(ConfigError, match="model.resize_layers"):
         dataclasses.replace(TINY, resize_layers=4).check("model")
@@ -380,3 +382,55 @@ def test_generator_file_errors_name_the_file(tiny, tmp_path):
     with pytest.raises(TypeError, match=r"extra\[where\]"):
         save_generator(tmp_path / "x.pt", G, TINY, {"where": tmp_path})
     assert not (tmp_path / "x.pt").exists()
+
+
+def test_matmul_path_lengths_depend_on_the_compute_dtype(monkeypatch):
+    """float32 takes the matmul path only at the 8-step bottleneck, bf16 up to 16 steps
+    (where each is faster than oneDNN, see MATMUL_MAX_LEN); both paths compute the same."""
+    conv = StridedConv1d(8, 8, 5, stride=2, padding=2)
+    calls = []
+    original = model_module.conv1d_matmul
+    # record which inputs take the matmul path (the real function still computes them)
+    monkeypatch.setattr(model_module, "conv1d_matmul", lambda *a: calls.append(a[0].shape[-1]) or original(*a))
+    for length, autocast in ((16, False), (32, False), (16, True), (32, True), (64, True)):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            conv(torch.randn(1, 8, length))
+    assert calls == [16, 16, 32]  # fp32: output 8 only; bf16: outputs 8 and 16
+    assert matmul_max_len(torch.zeros(1)) == MATMUL_MAX_LEN[torch.float32] == (8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert matmul_max_len(torch.zeros(1)) == MATMUL_MAX_LEN[torch.bfloat16] == (16, 16)
+    assert matmul_max_len(torch.zeros(1, dtype=torch.float64)) == (8, 8)  # other dtypes: float32's
+
+
+@pytest.mark.parametrize("k, length", [(31, 512), (15, 600), (5, 513), (4, 514), (1, 256)])
+def test_polyphase_convolution_equals_the_strided_conv_with_gradients(k, length):
+    torch.manual_seed(k + length)
+    pad = (k - 1) // 2
+    x = torch.randn(2, 8, length, requires_grad=True)
+    w = torch.randn(16, 8, k, requires_grad=True)
+    b = torch.randn(16, requires_grad=True)
+    got = conv1d_stride2_polyphase(x, w, b, pad)
+    expect = F.conv1d(x, w, b, stride=2, padding=pad)
+    assert got.shape == expect.shape
+    torch.testing.assert_close(got, expect, atol=1e-4, rtol=1e-5)
+    g = torch.randn_like(expect)
+    for got_grad, expect_grad in zip(torch.autograd.grad(got, (x, w, b), g), torch.autograd.grad(expect, (x, w, b), g)):
+        torch.testing.assert_close(got_grad, expect_grad, atol=1e-3, rtol=1e-5)
+
+
+def test_polyphase_path_is_taken_for_long_outputs_with_enough_channels(monkeypatch):
+    calls = []
+    original = model_module.conv1d_stride2_polyphase
+    monkeypatch.setattr(model_module, "conv1d_stride2_polyphase",
+                        lambda x, *a: calls.append(tuple(x.shape[1:])) or original(x, *a))
+    many, few = POLYPHASE_MIN_CHANNELS, POLYPHASE_MIN_CHANNELS // 2
+    with torch.no_grad():
+        for cin, length in ((many, 2 * POLYPHASE_MIN_LEN), (many, 2 * POLYPHASE_MIN_LEN - 2), (few, 4096)):
+            conv = StridedConv1d(cin, 4, 15, stride=2, padding=7)
+            x = torch.randn(1, cin, length)
+            torch.testing.assert_close(conv(x), F.conv1d(x, conv.weight, conv.bias, stride=2, padding=7),
+                                       atol=1e-5, rtol=1e-5)
+        conv = StridedConv1d(many, 4, 15, stride=2, padding=7)
+        set_fast_paths(conv, False)
+        conv(torch.randn(1, many, 4096))
+    assert calls == [(many, 2 * POLYPHASE_MIN_LEN)]  # not 1 step shorter, not 4 channels, not when off

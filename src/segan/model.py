@@ -71,15 +71,23 @@ def _same_padding(kernel_size: int) -> int:
 
 
 # ----------------------------------------------------------------------------- strided convolutions
-# oneDNN's CPU conv kernels lose most of their speed when the time axis is short (the deep
-# layers: 8..32 steps at a 16384 window); e.g. the forward of the 2048->512 bottleneck
-# transposed conv measured ~4x slower in fp32 and ~10x slower in bf16 than the same work done
-# as one matmul, and backward worse. At or below these lengths the two classes below compute
-# the identical convolution as im2col + matmul (conv) or matmul + overlap-add (transposed
-# conv); above them, and whenever the model is scripted, traced or exported, they are plain
-# nn.Conv1d / nn.ConvTranspose1d (same parameters, same state_dict).
-MATMUL_CONV_MAX_LEN = 16    # strided conv: output length at or below which matmul is used
-MATMUL_DECONV_MAX_LEN = 32  # transposed conv: input length at or below which matmul is used
+# oneDNN's CPU conv kernels lose much of their speed when the time axis is short and the
+# channels many (the paper model's bottleneck: 8 steps at a 16384 window). There the two
+# classes below compute the identical convolution as im2col + matmul (conv) or matmul +
+# overlap-add (transposed conv); above the lengths below, and whenever the model is scripted,
+# traced or exported, they are plain nn.Conv1d / nn.ConvTranspose1d (same parameters, same
+# state_dict). The lengths were measured forward + backward on the paper model's layers, 2
+# threads, batch 4 and 16, with malloc reusing freed memory (segan.allocator, as training runs):
+# * float32: only the 8-step bottleneck gains (batch 16: conv 512->1024 94 -> 79 ms, transposed
+#   conv 2048->512 181 -> 156 ms); at 16 steps oneDNN is faster (conv 256->512 24 vs 35 ms);
+# * bfloat16: 8 and 16 steps gain (conv 512->1024 83 -> 25 ms, 256->512 16 -> 12 ms; transposed
+#   conv 2048->512 173 -> 49 ms, 1024->256 34 -> 24 ms); at 32 steps oneDNN is faster.
+# (With glibc's default malloc, oneDNN's scratch buffers page-fault on every call, which once
+# made the matmul path look faster up to 32 steps in float32.)
+MATMUL_MAX_LEN: dict[torch.dtype, tuple[int, int]] = {
+    torch.float32: (8, 8),    # (strided conv output length, transposed conv input length)
+    torch.bfloat16: (16, 16),
+}
 
 
 @torch.jit.unused
@@ -91,6 +99,11 @@ def _eager_mode() -> bool:
 def _compute_dtype(x: Tensor) -> torch.dtype:
     device_type = x.device.type
     return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+
+
+def matmul_max_len(x: Tensor) -> tuple[int, int]:
+    """(conv output, transposed-conv input) lengths at or below which ``x`` takes the matmul path."""
+    return MATMUL_MAX_LEN.get(_compute_dtype(x), MATMUL_MAX_LEN[torch.float32])
 
 
 @torch.jit.unused
@@ -150,36 +163,72 @@ def conv1d_single_output(x: Tensor, weight: Tensor, bias: Tensor | None, padding
     return y.to(x.dtype)
 
 
-def set_matmul_path(module: nn.Module, enabled: bool) -> None:
-    """Turn the short-length matmul path of every conv in ``module`` on or off (benchmarks
-    use "off" for a plain-PyTorch baseline); the results are the same either way."""
+# Long strided convolutions with a few channels (the early encoder layers: 256..4096 output
+# steps, 8..64 input channels) run about 1.3-2x faster forward + backward as a stride-1
+# convolution over the input's two phases (polyphase decomposition: even and odd samples as
+# 2*Cin channels, the kernel's even and odd taps as its halves), measured on the paper model's
+# layers at batch 16 in float32 (16->32 channels at 4096 steps: 56 -> 30 ms; 64->128 at 256:
+# 17.9 -> 17.0 ms; 128->128 at 128: 18 -> 22 ms, so not below 256). With 1-4 input channels
+# (the narrow discriminator's first layers) it is slower.
+POLYPHASE_MIN_LEN = 256
+POLYPHASE_MIN_CHANNELS = 8
+
+
+@torch.jit.unused
+def conv1d_stride2_polyphase(x: Tensor, weight: Tensor, bias: Tensor | None, padding: int) -> Tensor:
+    """``F.conv1d(x, weight, bias, stride=2, padding=padding)`` as one stride-1 conv over x's phases.
+
+    ``y[t] = sum_k w[k] xp[2t + k]`` (``xp``: x zero-padded) splits into even taps over the even
+    samples and odd taps over the odd ones: ``y[t] = sum_j (w[2j] xe[t + j] + w[2j + 1] xo[t + j])``,
+    a stride-1 conv of ``[xe; xo]`` (2*Cin channels) with ``[w_even; w_odd]`` (ceil(K/2) taps).
+    """
+    length, k = x.shape[-1], weight.shape[-1]
+    out_len = (length + 2 * padding - k) // 2 + 1
+    taps = (k + 1) // 2
+    # one output sample more than needed, cropped below: at power-of-two lengths every channel's
+    # row starts in the same cache sets, and 4097 outputs measured 1.5x faster than 4096
+    padded = F.pad(x, (padding, 2 * (out_len + taps) - length - padding))
+    phases = torch.cat([padded[..., 0::2], padded[..., 1::2]], dim=1)  # [B, 2*Cin, out_len + taps]
+    w = F.pad(weight, (0, 2 * taps - k))
+    w = torch.cat([w[..., 0::2], w[..., 1::2]], dim=1)  # [Cout, 2*Cin, taps]
+    return F.conv1d(phases, w, bias)[..., :out_len]
+
+
+def set_fast_paths(module: nn.Module, enabled: bool) -> None:
+    """Turn the eager-mode fast paths (short-length matmul, polyphase) of every conv in
+    ``module`` on or off (benchmarks use "off" for a plain-PyTorch baseline); the results are
+    the same either way, up to float rounding."""
     for m in module.modules():
         if isinstance(m, (StridedConv1d, StridedConvTranspose1d, UpsampleConv1d)):
-            m.matmul_path = enabled
+            m.fast_paths = enabled
 
 
 class StridedConv1d(nn.Conv1d):
-    """``nn.Conv1d`` that computes short outputs (<= MATMUL_CONV_MAX_LEN) as one matmul."""
+    """``nn.Conv1d`` that computes short outputs (see ``MATMUL_MAX_LEN``) as one matmul and
+    long stride-2 ones with many channels by polyphase decomposition (``POLYPHASE_MIN_LEN``)."""
 
-    matmul_path = True
+    fast_paths = True
 
     def forward(self, x: Tensor) -> Tensor:
         if not torch.jit.is_scripting():  # TorchScript compiles only the standard op below
-            if self.matmul_path and _eager_mode():
+            if self.fast_paths and _eager_mode():
                 out_len = (x.shape[-1] + 2 * self.padding[0] - self.kernel_size[0]) // self.stride[0] + 1
-                if out_len <= MATMUL_CONV_MAX_LEN:
+                if out_len <= matmul_max_len(x)[0]:
                     return conv1d_matmul(x, self.weight, self.bias, self.stride[0], self.padding[0])
+                if (self.stride[0] == 2 and out_len >= POLYPHASE_MIN_LEN
+                        and self.in_channels >= POLYPHASE_MIN_CHANNELS):
+                    return conv1d_stride2_polyphase(x, self.weight, self.bias, self.padding[0])
         return self._conv_forward(x, self.weight, self.bias)
 
 
 class StridedConvTranspose1d(nn.ConvTranspose1d):
-    """``nn.ConvTranspose1d`` that computes short inputs (<= MATMUL_DECONV_MAX_LEN) as one matmul."""
+    """``nn.ConvTranspose1d`` that computes short inputs (see ``MATMUL_MAX_LEN``) as one matmul."""
 
-    matmul_path = True
+    fast_paths = True
 
     def forward(self, x: Tensor) -> Tensor:
         if not torch.jit.is_scripting():  # TorchScript compiles only the standard op below
-            if self.matmul_path and _eager_mode() and x.shape[-1] <= MATMUL_DECONV_MAX_LEN:
+            if self.fast_paths and _eager_mode() and x.shape[-1] <= matmul_max_len(x)[1]:
                 return conv_transpose1d_matmul(x, self.weight, self.bias, self.stride[0], self.padding[0],
                                                self.output_padding[0])
         return F.conv_transpose1d(x, self.weight, self.bias, self.stride, self.padding,
@@ -195,7 +244,7 @@ class UpsampleConv1d(nn.Conv1d):
     first gives both phases the same filter. Twice the multiply-adds of the transposed conv.
     """
 
-    matmul_path = True
+    fast_paths = True
 
     def __init__(self, in_ch: int, out_ch: int, kernel_size: int) -> None:
         super().__init__(in_ch, out_ch, kernel_size, padding=_same_padding(kernel_size))
@@ -203,8 +252,8 @@ class UpsampleConv1d(nn.Conv1d):
     def forward(self, x: Tensor) -> Tensor:
         x = F.interpolate(x, scale_factor=2.0, mode="linear", align_corners=False)
         if not torch.jit.is_scripting():  # TorchScript compiles only the standard op below
-            if self.matmul_path and _eager_mode():
-                if x.shape[-1] <= 2 * MATMUL_DECONV_MAX_LEN:
+            if self.fast_paths and _eager_mode():
+                if x.shape[-1] <= 2 * matmul_max_len(x)[1]:  # the length a transposed conv would output
                     return conv1d_matmul(x, self.weight, self.bias, 1, self.padding[0])
                 if self.out_channels == 1:
                     return conv1d_single_output(x, self.weight, self.bias, self.padding[0])
