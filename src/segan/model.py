@@ -164,12 +164,12 @@ def conv1d_single_output(x: Tensor, weight: Tensor, bias: Tensor | None, padding
 
 
 # Long strided convolutions with a few channels (the early encoder layers: 256..4096 output
-# steps, 8..64 input channels) run about 1.3-2x faster forward + backward as a stride-1
-# convolution over the input's two phases (polyphase decomposition: even and odd samples as
-# 2*Cin channels, the kernel's even and odd taps as its halves), measured on the paper model's
-# layers at batch 16 in float32 (16->32 channels at 4096 steps: 56 -> 30 ms; 64->128 at 256:
-# 17.9 -> 17.0 ms; 128->128 at 128: 18 -> 22 ms, so not below 256). With 1-4 input channels
-# (the narrow discriminator's first layers) it is slower.
+# steps, 8..64 input channels) run 1.05-1.9x faster (more the longer the layer), forward +
+# backward, as a stride-1 convolution over the input's two phases (polyphase decomposition:
+# even and odd samples as 2*Cin channels, the kernel's even and odd taps as its halves),
+# measured on the paper model's layers at batch 16 in float32 (16->32 channels at 4096 steps:
+# 56 -> 30 ms; 64->128 at 256: 17.9 -> 17.0 ms; 128->128 at 128: 18 -> 22 ms, so not below
+# 256). With 1-4 input channels (the narrow discriminator's first layers) it is slower.
 POLYPHASE_MIN_LEN = 256
 POLYPHASE_MIN_CHANNELS = 8
 
