@@ -19,7 +19,8 @@ Variants:
   baseline.
 
 The paper-size model (Pascual et al. 2017, channels 16..1024) is timed at batch 4 and 16 and a
-smaller CPU model (default: half the paper's width at every layer) at batch 16, each in
+project's default model (``params.yaml``'s ``model`` section: narrow, kernel 15, resize-conv
+decoder) at its ``train.batch_size`` and ``train.ref_batch_size``, each in
 float32 and under bf16 autocast. The script also counts the step's convolution FLOPs
 analytically (forward = 2*Cin*Cout*K*Tout per conv, transposed conv 2*Cin*Cout*K*Tin;
 backward = weight-gradient + input-gradient passes of the same size where they are computed)
@@ -51,12 +52,12 @@ from pathlib import Path
 import torch
 
 from segan.allocator import keep_freed_memory
-from segan.config import PAPER_CHANNELS, ModelConfig
+from segan.config import ModelConfig, load_params
 from segan.fsutil import write_json
 from segan.model import MATMUL_MAX_LEN, build_models, count_parameters, set_fast_paths
 from segan.step import baseline_step, reset_reference_cache, train_step
 
-HALF_CHANNELS = [max(1, c // 2) for c in PAPER_CHANNELS]
+REPO_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 
 
 def log(msg: str) -> None:
@@ -84,12 +85,14 @@ def encoder_flops(channels: list[int], k: int, window: int, in_channels: int) ->
     return total, first
 
 
-def generator_flops(channels: list[int], k: int, window: int) -> NetFlops:
+def generator_flops(channels: list[int], k: int, window: int, resize_layers: int = 0) -> NetFlops:
     total, first = encoder_flops(channels, k, window, in_channels=1)
-    # decoder: transposed conv i takes 2*ch[i] channels at length window/2**(i+1)
+    # decoder: transposed conv i takes 2*ch[i] channels at length window/2**(i+1); the last
+    # ``resize_layers`` are interpolation + stride-1 conv at twice that length (2x the work)
     for i in reversed(range(len(channels))):
         out = channels[i - 1] if i > 0 else 1
-        total += 2.0 * (2 * channels[i]) * out * k * (window >> (i + 1))
+        factor = 2.0 if i < resize_layers else 1.0
+        total += factor * 2.0 * (2 * channels[i]) * out * k * (window >> (i + 1))
     return NetFlops(total, first)
 
 
@@ -161,7 +164,7 @@ def worker(spec: dict) -> None:
         keep_freed_memory()  # before the models exist, as in segan.train
     torch.set_num_threads(spec["threads"])
     batch, window = spec["batch"], spec["window"]
-    cfg = ModelConfig(g_channels=spec["g_channels"], d_channels=spec["d_channels"])
+    cfg = ModelConfig(**spec["model"])
     gen = torch.Generator().manual_seed(spec["seed"])
     clean = 0.1 * torch.randn(batch, 1, window, generator=gen)
     noisy = clean + 0.05 * torch.randn(batch, 1, window, generator=gen)
@@ -222,7 +225,7 @@ def bench_config(name: str, cfg: ModelConfig, batch: int, ref_batch: int, window
                  variants: list[str], iters: int, threads: int, optimizer: str = "fused",
                  seed: int = 0) -> dict:
     """Time ``variants`` of one model, each in its own process, interleaved step by step."""
-    spec = {"g_channels": cfg.g_channels, "d_channels": cfg.d_channels, "batch": batch, "ref_batch": ref_batch,
+    spec = {"model": asdict(cfg), "batch": batch, "ref_batch": ref_batch,
             "window": window, "precision": precision, "threads": threads, "optimizer": optimizer, "seed": seed}
     # each variant trains its own copy in its own process: shared models would let every
     # baseline step change D under the optimized step's cached reference moments, and a shared
@@ -238,7 +241,7 @@ def bench_config(name: str, cfg: ModelConfig, batch: int, ref_batch: int, window
     finally:
         for w in workers.values():
             w.close()
-    g_f = generator_flops(cfg.g_channels, cfg.kernel_size, window)
+    g_f = generator_flops(cfg.g_channels, cfg.kernel_size, window, cfg.resize_layers)
     d_f = discriminator_flops(cfg.d_channels, cfg.kernel_size, window)
     out = {"model": name, "batch": batch, "ref_batch": ref_batch, "window": window, "precision": precision,
            **workers[variants[0]].info, "variants": {}}
@@ -308,16 +311,6 @@ def profile_step(cfg: ModelConfig, batch: int, window: int, precision: str, opti
 
 
 # ----------------------------------------------------------------------------- main
-def parse_channels(text: str) -> list[int]:
-    try:
-        chans = [int(c) for c in text.split(",") if c.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not chans or any(c < 1 for c in chans):
-        raise argparse.ArgumentTypeError(f"expected positive channel counts, got {text!r}")
-    return chans
-
-
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", type=Path, help="write the results here (atomically)")
@@ -327,13 +320,12 @@ def main(argv: list[str] | None = None) -> dict:
                          "windows/cpu-s figures are the stable comparison")
     ap.add_argument("--no-profile", action="store_true", help="skip the torch.profiler breakdown")
     ap.add_argument("--precisions", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"])
-    ap.add_argument("--no-cpu-model", action="store_true", help="only the paper-size model")
+    ap.add_argument("--no-default-model", action="store_true", help="only the paper-size model")
+    ap.add_argument("--params", type=Path, default=REPO_PARAMS,
+                    help="params.yaml whose model, batch_size and ref_batch_size make the default model")
     ap.add_argument("--iters", type=int, default=3, help="timed steps per variant (after 2 warm-up steps)")
     ap.add_argument("--window", type=int, default=16384)
     ap.add_argument("--batches", type=int, nargs="+", default=[4, 16], help="paper-model batch sizes")
-    ap.add_argument("--cpu-channels", type=parse_channels, default=HALF_CHANNELS,
-                    help="channels of the CPU model (default: half the paper's width)")
-    ap.add_argument("--cpu-batch", type=int, default=16)
     ap.add_argument("--matmul-n", type=int, default=2048)
     ap.add_argument("--optimizer", choices=["fused", "foreach", "default"], default="fused",
                     help="Adam kernel (fused is ~4x faster than the per-tensor default on CPU)")
@@ -352,7 +344,7 @@ def main(argv: list[str] | None = None) -> dict:
         "torch": torch.__version__, "threads": args.threads, "cpu": platform.processor() or platform.machine(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(), "mkldnn": torch.backends.mkldnn.is_available()
         and torch.backends.mkldnn.enabled, "loadavg_start": os.getloadavg(), "quick": args.quick,
-        "cpu_model_channels": args.cpu_channels, "optimizer": f"Adam ({args.optimizer})",
+        "optimizer": f"Adam ({args.optimizer})",
         "matmul_max_len_conv_out_deconv_in": {str(k).removeprefix("torch."): v for k, v in MATMUL_MAX_LEN.items()},
         "configs": []}
 
@@ -361,16 +353,19 @@ def main(argv: list[str] | None = None) -> dict:
     log(f"matmul GFLOP/s: {result['matmul']}")
 
     paper = ModelConfig()
-    small = ModelConfig(g_channels=list(args.cpu_channels), d_channels=list(args.cpu_channels))
-    plan = [("paper", paper, b) for b in batches] + ([] if args.no_cpu_model else [("cpu", small, args.cpu_batch)])
-    for name, cfg, batch in plan:
+    plan = [("paper", paper, b, b) for b in batches]
+    if not args.no_default_model:
+        params = load_params(args.params)
+        result["default_model"] = asdict(params.model)
+        plan.append(("default", params.model, params.train.batch_size, params.train.ref_batch_size))
+    for name, cfg, batch, ref_batch in plan:
         for precision in args.precisions:
             variants = ["optimized", "seed_step"]
             variants += ["seed_step_plain_convs", TARGET_BASELINE] if name == "paper" else [TARGET_BASELINE]
             if name == "paper" and batch == min(batches) and precision == "fp32" and not args.quick:
                 variants.append("optimized_nocache")  # how much the reference-moment reuse gives
             log(f"{name} batch {batch} {precision}: {', '.join(variants)} ...")
-            res = bench_config(name, cfg, batch, batch, args.window, precision, variants, iters, args.threads,
+            res = bench_config(name, cfg, batch, ref_batch, args.window, precision, variants, iters, args.threads,
                                args.optimizer)
             for v, r in res["variants"].items():
                 log(f"  {v:22s} {r['windows_per_s']:7.2f} windows/s  {r['gflops']:6.1f} GFLOP/s  "
