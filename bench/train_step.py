@@ -6,22 +6,22 @@ the parent drives them one step at a time, interleaved, so background load hits 
 Variants:
 
 * ``optimized``: :func:`segan.step.train_step` (one G forward, fused real+fake D call,
-  reference moments reused, no D weight gradients in the G update) on the model's short-length
-  matmul path, with glibc malloc set to reuse freed memory (:mod:`segan.allocator`): what
-  ``segan train`` runs;
+  reference moments reused, no D weight gradients in the G update) with the model's fast
+  convolution paths (polyphase early layers, matmul bottleneck) and glibc malloc set to reuse
+  freed memory (:mod:`segan.allocator`): what ``segan train`` runs;
 * ``seed_step``: the seed's literal step (:func:`segan.step.baseline_step`: G computed again,
   the reference batch through D on each of three D calls, D weight gradients in the G update)
   on the same model and allocator settings: isolates the step restructuring;
 * ``seed_step_plain_convs``: the seed's step with PyTorch's standard convolution kernels only
-  (no matmul path), same allocator settings;
+  (no fast paths), same allocator settings;
 * ``straightforward``: the seed's step, standard kernels, glibc's default allocator: a
   straightforward re-implementation of the seed, run as a plain script would. The issue's
   baseline.
 
-The paper-size model (Pascual et al. 2017, channels 16..1024) is timed at batch 4 and 16 and a
-project's default model (``params.yaml``'s ``model`` section: narrow, kernel 15, resize-conv
-decoder) at its ``train.batch_size`` and ``train.ref_batch_size``, each in
-float32 and under bf16 autocast. The script also counts the step's convolution FLOPs
+The paper-size model (Pascual et al. 2017, channels 16..1024) is timed at batch 4 and 16, and
+the project's default model (``params.yaml``'s ``model`` section: narrow, kernel 15, resize-conv
+decoder) at its ``train.batch_size`` and ``train.ref_batch_size``, each in float32 and under
+bf16 autocast. The script also counts the step's convolution FLOPs
 analytically (forward = 2*Cin*Cout*K*Tout per conv, transposed conv 2*Cin*Cout*K*Tin;
 backward = weight-gradient + input-gradient passes of the same size where they are computed)
 and compares the achieved GFLOP/s with a large fp32 and bf16 matmul measured in the same run.
@@ -106,8 +106,8 @@ def discriminator_flops(channels: list[int], k: int, window: int) -> NetFlops:
 class Variant:
     """What one worker process runs."""
 
-    step: str          # "optimized" (train_step) | "optimized_nocache" | "seed" (baseline_step)
-    fast_paths: bool  # the model's short-length matmul kernels
+    step: str           # "optimized" (train_step) | "optimized_nocache" | "seed" (baseline_step)
+    fast_paths: bool    # segan.model.set_fast_paths: polyphase and matmul convolution paths
     tuned_malloc: bool  # segan.allocator.keep_freed_memory()
 
 
@@ -158,7 +158,7 @@ def make_optimizers(G: torch.nn.Module, D: torch.nn.Module, impl: str) -> tuple[
 
 # ----------------------------------------------------------------------------- worker process
 def worker(spec: dict) -> None:
-    """Build one variant, run a warm-up step, then one timed step per "step" line on stdin."""
+    """Build one variant, run two warm-up steps, then one timed step per "step" line on stdin."""
     variant = VARIANTS[spec["variant"]]
     if variant.tuned_malloc:
         keep_freed_memory()  # before the models exist, as in segan.train
